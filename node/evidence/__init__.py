@@ -1,0 +1,1 @@
+"""Builders of the four derived DICOM objects (pure: datasets in, datasets out)."""

@@ -1,0 +1,1 @@
+"""Model packages: a card (TOML) plus safetensors weights, loaded without pickle."""

@@ -1,0 +1,1 @@
+"""Pure processing: decode -> preprocess -> classify + Grad-CAM -> segment."""

@@ -1,0 +1,138 @@
+"""``dermnode serve``: wires the stages together and runs them until SIGTERM/SIGINT.
+
+receive (network.scp) -> journal (intake) -> process (executor) -> send (outbox)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from node.config import Settings
+from node.evidence.identity import NodeIdentity
+from node.executor.local import LocalExecutor
+from node.intake.intake import Intake
+from node.intake.journal import Journal
+from node.intake.spool import Spool
+from node.model.classifier import Classifier
+from node.network.scp import build_ae, make_handlers
+from node.network.scu import Destination
+from node.network.sopclasses import OUTPUT_ONLY_CLASSES
+from node.outbox import Outbox
+from node.pipeline.decode import check_header
+from node.pipeline.process import ProcessOptions
+
+log = logging.getLogger("dermnode.serve")
+
+
+def model_key(classifier: Classifier) -> str:
+    return f"{classifier.card.model.name}:{classifier.card.model.version}"
+
+
+class Node:
+    def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
+        self.settings = s = settings
+        self.classifier = classifier or Classifier.load(s.model.resolved_path(), device=s.model.device)
+        self.identity = NodeIdentity()
+        storage = Path(s.storage.dir)
+        self.spool = Spool(storage)
+        self.journal = Journal(storage / "journal.sqlite")
+        recovered = self.journal.recover(s.retry.max_attempts)
+        if recovered:
+            log.warning("recovered %d job(s) interrupted by a previous stop", recovered)
+        options = ProcessOptions(max_pixels=s.processing.max_pixels)
+        self.outbox = Outbox(
+            journal=self.journal,
+            spool=self.spool,
+            destination=Destination(
+                ae_title=s.destination.ae_title,
+                host=s.destination.host,
+                port=s.destination.port,
+                calling_ae_title=s.node.ae_title,
+                timeout=s.destination.timeout,
+            ),
+            sop_classes=[*s.node.sop_classes, *OUTPUT_ONLY_CLASSES],
+            initial_delay=s.retry.initial_delay,
+            max_delay=s.retry.max_delay,
+            max_age=s.retry.max_age_hours * 3600,
+            retention=s.storage.retention_hours * 3600,
+        )
+        self.executor = LocalExecutor(
+            journal=self.journal,
+            workers=s.processing.workers,
+            job_kwargs=dict(
+                spool=self.spool,
+                classifier=self.classifier,
+                identity=self.identity,
+                options=options,
+                max_attempts=s.retry.max_attempts,
+            ),
+            on_encoded=self.outbox.wake,
+        )
+        self.intake = Intake(
+            spool=self.spool,
+            journal=self.journal,
+            identity=self.identity,
+            model_key=model_key(self.classifier),
+            accepted_classes=s.node.sop_classes,
+            min_free_bytes=s.storage.min_free_mb * 2**20,
+            max_queue=s.storage.max_queue,
+            header_check=lambda ds: check_header(ds, s.processing.max_pixels),
+            resend_duplicates=s.processing.resend_duplicates,
+            on_job=self.executor.submit,
+        )
+        self.ae = build_ae(
+            ae_title=s.node.ae_title,
+            input_classes=s.node.sop_classes,
+            max_associations=s.node.max_associations,
+            max_pdu=s.node.max_pdu,
+            allowed_calling_aets=s.node.allowed_calling_aets,
+        )
+        self._server = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        s = self.settings
+        self.executor.start()
+        self.outbox.start()
+        self._server = self.ae.start_server(
+            (s.node.bind, s.node.port), block=False, evt_handlers=make_handlers(self.intake)
+        )
+        card = self.classifier.card
+        log.info(
+            "dermnode %s listening on %s:%d; model %s %s (%s) on %s; destination %s@%s:%d",
+            s.node.ae_title, s.node.bind, s.node.port, card.model.name, card.model.version, card.label,
+            self.classifier.device, s.destination.ae_title, s.destination.host, s.destination.port,
+        )
+        if not s.node.allowed_calling_aets:
+            log.warning("node.allowed_calling_aets is empty: any calling AE title is accepted")
+
+    def stop(self) -> None:
+        """Graceful stop: refuse new associations, finish jobs in hand, leave the rest journaled."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping: no new associations; finishing jobs in progress")
+        if self._server is not None:
+            self._server.shutdown()
+        self.executor.stop()
+        self.outbox.stop()
+        self.journal.close()
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        self.start()
+        done = threading.Event()
+
+        def _sig(signum, frame):  # noqa: ARG001
+            log.info("received signal %d", signum)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _sig)
+        signal.signal(signal.SIGINT, _sig)
+        while not done.is_set():
+            done.wait(1.0)
+        self.stop()
