@@ -52,21 +52,30 @@ def small_fixtures(n: int) -> list[dict]:
 
 
 def write_fixture_dicoms(out: Path, rows: list[dict], **kw) -> list[Path]:
-    from node.dicomize import wrap_jpeg
+    """Wrap fixture JPEGs as one patient's dermoscopy session: one study, one series,
+    one instance per image (the original JPEG bytes encapsulated)."""
+    from node.dicomize import _uid, wrap_jpeg
 
     out.mkdir(parents=True, exist_ok=True)
+    patient_id = kw.get("patient_id", "PID0001")
+    study_uid = kw.get("study_uid", _uid("test-study", str(out), patient_id))
+    series_uid = kw.get("series_uid", _uid("test-series", str(out), patient_id))
     paths = []
+    first = rows[0] if rows else {}
+    age = first.get("age_approx") or None  # one patient: the first row's age and sex for all
+    sex = {"male": "M", "female": "F"}.get(first.get("sex", ""), None)
     for i, r in enumerate(rows):
-        age = r.get("age_approx") or None
-        sex = {"male": "M", "female": "F"}.get(r.get("sex", ""), None)
         ds = wrap_jpeg(
             FIXTURES / r["file"],
-            patient_name=kw.get("patient_name", f"Testpatient^Fixture{i}"),
-            patient_id=kw.get("patient_id", f"PID{i:04d}"),
+            patient_name=kw.get("patient_name", "Testpatient^Fixture"),
+            patient_id=patient_id,
             patient_sex=sex,
             patient_age=int(float(age)) if age else None,
             sop_class=kw.get("sop_class", "dermoscopic"),
+            study_uid=study_uid,
+            series_uid=series_uid,
         )
+        ds.InstanceNumber = i + 1
         p = out / f"{r['isic_id']}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
