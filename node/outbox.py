@@ -104,6 +104,7 @@ class Outbox:
             self.on_event("dead")
             log.error("job %s dead-lettered: retry horizon passed (%s)", job.id, job.last_error, extra=extra)
             return "dead"
+        t0 = time.perf_counter()
         try:
             for out in self.journal.outputs(job.id):
                 if out.state == "sent":
@@ -123,7 +124,7 @@ class Outbox:
             log.error("job %s dead-lettered: permanent send failure: %s", job.id, exc, extra=extra)
             return "dead"
         self.journal.mark_done(job.id)
-        self.on_event("done", latency=time.time() - job.received_at)
+        self.on_event("done", latency=time.time() - job.received_at, send_seconds=time.perf_counter() - t0)
         log.info("job %s done: 4 objects delivered to %s", job.id, self.destination.ae_title, extra=extra)
         if self.retention <= 0:
             self.spool.remove_job(job.id)

@@ -19,6 +19,9 @@ from node.intake.journal import Journal
 from node.intake.spool import Spool
 from node.model.classifier import Classifier
 from node.network.scp import build_ae, make_handlers
+from node.network.scu import Sender
+from node.ops.health import CachedCheck, HealthServer, check_writable
+from node.ops.metrics import Metrics
 from node.network.scu import Destination
 from node.network.sopclasses import OUTPUT_ONLY_CLASSES
 from node.outbox import Outbox
@@ -44,6 +47,7 @@ class Node:
         if recovered:
             log.warning("recovered %d job(s) interrupted by a previous stop", recovered)
         options = ProcessOptions(max_pixels=s.processing.max_pixels)
+        self.metrics = Metrics(self.journal)
         self.outbox = Outbox(
             journal=self.journal,
             spool=self.spool,
@@ -59,6 +63,7 @@ class Node:
             max_delay=s.retry.max_delay,
             max_age=s.retry.max_age_hours * 3600,
             retention=s.storage.retention_hours * 3600,
+            on_event=self.metrics.outbox_event,
         )
         self.executor = LocalExecutor(
             journal=self.journal,
@@ -69,6 +74,7 @@ class Node:
                 identity=self.identity,
                 options=options,
                 max_attempts=s.retry.max_attempts,
+                observe_stages=self.metrics.stages,
             ),
             on_encoded=self.outbox.wake,
         )
@@ -83,6 +89,7 @@ class Node:
             header_check=lambda ds: check_header(ds, s.processing.max_pixels),
             resend_duplicates=s.processing.resend_duplicates,
             on_job=self.executor.submit,
+            observe=self.metrics.intake,
         )
         self.ae = build_ae(
             ae_title=s.node.ae_title,
@@ -92,6 +99,7 @@ class Node:
             allowed_calling_aets=s.node.allowed_calling_aets,
         )
         self._server = None
+        self._http: HealthServer | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -99,8 +107,17 @@ class Node:
         self.executor.start()
         self.outbox.start()
         self._server = self.ae.start_server(
-            (s.node.bind, s.node.port), block=False, evt_handlers=make_handlers(self.intake)
+            (s.node.bind, s.node.port),
+            block=False,
+            evt_handlers=make_handlers(self.intake, on_association=self.metrics.association),
         )
+        if s.http.port:
+            self._http = HealthServer(
+                s.http.bind, s.http.port,
+                liveness=self.liveness, readiness=CachedCheck(self.readiness), metrics=self.metrics.render,
+            )
+            self._http.start()
+            log.info("HTTP /healthz /readyz /metrics on %s:%d", s.http.bind, self._http.port)
         card = self.classifier.card
         log.info(
             "dermnode %s listening on %s:%d; model %s %s (%s) on %s; destination %s@%s:%d",
@@ -118,10 +135,39 @@ class Node:
         log.info("stopping: no new associations; finishing jobs in progress")
         if self._server is not None:
             self._server.shutdown()
+        if self._http is not None:
+            self._http.stop()
         self.executor.stop()
         self.outbox.stop()
         self.journal.close()
         log.info("stopped")
+
+    def liveness(self) -> dict:
+        """The node can still take data: journal and spool writable, workers alive."""
+        self.journal.check_writable()
+        check_writable(self.spool.tmp)
+        workers = sum(t.is_alive() for t in self.executor._threads)  # noqa: SLF001
+        ok = workers == self.executor.n
+        return {"ok": ok, "journal": "writable", "spool": "writable", "workers_alive": workers}
+
+    def readiness(self) -> dict:
+        """Model loaded and destination answering C-ECHO."""
+        s = self.settings
+        sender = Sender(self.outbox.destination, [])
+        try:
+            status = sender.echo()
+            reachable = status == 0
+            detail = f"C-ECHO status 0x{status:04X}"
+        except Exception as exc:  # noqa: BLE001
+            reachable, detail = False, str(exc)
+        card = self.classifier.card
+        return {
+            "ok": reachable,
+            "model": f"{card.model.name} {card.model.version}",
+            "destination": f"{s.destination.ae_title}@{s.destination.host}:{s.destination.port}",
+            "destination_reachable": reachable,
+            "detail": detail,
+        }
 
     def run_forever(self) -> None:
         self.start()

@@ -73,6 +73,7 @@ def run_job(
     options: ProcessOptions,
     max_attempts: int,
     retry_delay: float = 5.0,
+    observe_stages=lambda **seconds: None,
 ) -> str:
     """Process one claimed job; returns the job's new state."""
     extra = {"job_id": job.id}
@@ -86,6 +87,7 @@ def run_job(
             path = spool.store_output(job.id, kind, encode(ds))
             outputs.append((kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(path)))
         journal.mark_encoded(job.id, outputs)
+        observe_stages(prepare=times.prepare, infer=times.infer, encode=times.encode)
         top = evidence.top_class
         log.info(
             "job %s encoded: top class %s p=%.3f, segmentation %s; prepare %.0f ms, infer %.0f ms, encode %.0f ms",

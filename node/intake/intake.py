@@ -80,6 +80,7 @@ class Intake:
         header_check: Callable[[Dataset], None],
         resend_duplicates: bool = False,
         on_job: Callable[[str], None] = lambda job_id: None,
+        observe: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.spool = spool
         self.journal = journal
@@ -91,6 +92,7 @@ class Intake:
         self.header_check = header_check
         self.resend_duplicates = resend_duplicates
         self.on_job = on_job
+        self.observe = observe
         self.stats = IntakeStats()
         # One writer at a time keeps the free-space and queue checks honest.
         self._lock = threading.Lock()
@@ -101,9 +103,13 @@ class Intake:
         decision = self._decide(raw, ds, context_class, calling_ae)
         if decision.status == SUCCESS and decision.job_id:
             self.stats.bump("accepted")
+            self.observe("accepted")
             self.on_job(decision.job_id)
         elif decision.status != SUCCESS:
             self.stats.bump("refused", decision.status)
+            self.observe(f"refused_0x{decision.status:04X}")
+        else:
+            self.observe(decision.reason.replace(" ", "_"))
         return decision
 
     def _decide(self, raw: bytes, ds: Dataset, context_class: str, calling_ae: str) -> Decision:

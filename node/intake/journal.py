@@ -114,6 +114,12 @@ class Journal:
         with self._lock:
             self._db.close()
 
+    def check_writable(self) -> None:
+        """Raise if the journal cannot take a write transaction (liveness check)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
     # -- helpers ---------------------------------------------------------
     def _tx(self):
         return _Tx(self)

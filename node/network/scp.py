@@ -55,7 +55,7 @@ def accepted_table(ae: AE) -> dict[str, list[str]]:
     return {cx.abstract_syntax: list(cx.transfer_syntax) for cx in ae.supported_contexts}
 
 
-def make_handlers(intake: Intake, on_release: Callable[[], None] | None = None) -> list:
+def make_handlers(intake: Intake, on_association: Callable[[str], None] = lambda outcome: None) -> list:
     def handle_store(event) -> int:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
@@ -83,12 +83,15 @@ def make_handlers(intake: Intake, on_release: Callable[[], None] | None = None) 
 
     def handle_released(event) -> None:
         _audit(event.assoc, "released")
+        on_association("released")
 
     def handle_aborted(event) -> None:
         _audit(event.assoc, "aborted")
+        on_association("aborted")
 
     def handle_rejected(event) -> None:
         _audit(event.assoc, "rejected")
+        on_association("rejected")
 
     return [
         (evt.EVT_C_STORE, handle_store),

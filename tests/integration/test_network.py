@@ -119,3 +119,54 @@ def _walk(ds):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)
+
+
+def test_metrics_and_health_after_a_real_run(tmp_path):
+    """The HTTP endpoint's counters after real C-STOREs; readiness follows the destination."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    require_shared()
+    sink = Sink(tmp_path / "sink", free_port()).start()
+    http_port = free_port()
+    node = NodeProcess(tmp_path / "node", sink.port, extra_env={"DERMNODE_HTTP__PORT": http_port}).start()
+    try:
+        inputs = write_fixture_dicoms(tmp_path / "in", small_fixtures(2))
+        storescu(node.port, inputs)
+        sink.wait_for(8)
+
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=30) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        import time
+
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the journal marks 'done' right after the last ack
+            code, metrics = get("/metrics")
+            if 'dermnode_jobs{state="done"} 2.0' in metrics:
+                break
+            time.sleep(0.5)
+        assert code == 200
+        assert 'dermnode_images_received_total{outcome="accepted"} 2.0' in metrics
+        assert 'dermnode_jobs{state="done"} 2.0' in metrics
+        assert 'dermnode_objects_sent_total{kind="sr"} 2.0' in metrics
+        assert 'dermnode_stage_seconds_count{stage="infer"} 2.0' in metrics
+        assert 'dermnode_associations_total{outcome="released"}' in metrics
+        assert "dermnode_queue_depth 0.0" in metrics
+        code, body = get("/healthz")
+        assert code == 200 and json.loads(body)["ok"] is True
+        code, body = get("/readyz")
+        assert code == 200 and json.loads(body)["destination_reachable"] is True
+        sink.stop()
+        time.sleep(11)  # readiness is cached for 10 s
+        code, body = get("/readyz")
+        assert code == 503 and json.loads(body)["destination_reachable"] is False
+        assert get("/nope")[0] == 404
+    finally:
+        node.stop()
+        sink.stop()
