@@ -160,6 +160,23 @@ def echo(
     raise typer.Exit(0 if status == 0 else 1)
 
 
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where Orthanc and the node keep their data.")] = Path("var/demo"),
+    images: Annotated[int, typer.Option(help="How many fixture images to push.")] = 4,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit after the results arrived.")] = False,
+) -> None:
+    """Start a local Orthanc and the node, push fixture images, print the Orthanc Explorer URL."""
+    from node.demo import orthanc_binary, run_demo
+
+    if orthanc_binary() is None:
+        typer.echo("dermnode demo needs Orthanc: apt-get install orthanc (tools/setup --test installs it)", err=True)
+        raise typer.Exit(2)
+    summary = run_demo(workdir.resolve(), n_images=images, wait=not no_wait, echo=typer.echo)
+    ok = summary["instances"] >= 5 * summary["images"]
+    raise typer.Exit(0 if ok else 1)
+
+
 # -- model -----------------------------------------------------------------
 @model_app.command("info")
 def model_info(path: Annotated[Path, typer.Argument(help="Model package directory.")]) -> None:

@@ -195,9 +195,10 @@ class NodeProcess:
 
 
 def storescu(port: int, files: list[Path], aet: str = "DERMNODE", calling: str = "STORESCU", extra: list[str] | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, profile: bool = True) -> subprocess.CompletedProcess:
     """DCMTK storescu with the dermoscopy profile (DCMTK 3.6.7 does not propose DMS by default)."""
-    cmd = [require_tool("storescu"), "-aet", calling, "-aec", aet, "-xf", str(STORESCU_CFG), "Dermoscopy",
+    prof = ["-xf", str(STORESCU_CFG), "Dermoscopy"] if profile else []
+    cmd = [require_tool("storescu"), "-aet", calling, "-aec", aet, *prof,
            *(extra or []), "127.0.0.1", str(port), *map(str, files)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if check and res.returncode != 0:
