@@ -47,7 +47,7 @@ def serve(config: ConfigOpt = None) -> None:
     s = _settings(config)
     from node.ops.logs import setup_logging
 
-    setup_logging(s.logging.level, s.logging.format)
+    setup_logging(s.logging.level, s.logging.format, audit_file=s.logging.audit_file)
     classifier = _load_classifier(s.model.resolved_path(), s.model.device)
     from node.service import Node
 
@@ -97,7 +97,7 @@ def process(
         typer.echo("dermnode: no input files", err=True)
         raise typer.Exit(1)
     out.mkdir(parents=True, exist_ok=True)
-    options = ProcessOptions(max_pixels=s.processing.max_pixels)
+    options = ProcessOptions(max_pixels=s.limits.max_pixels)
     identity = NodeIdentity()
     failures: list[tuple[Path, str]] = []
     summary = []

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,10 +49,11 @@ class NodeTable(_Table):
     port: int = Field(default=11112, ge=1, le=65535)
     #: Calling AE titles allowed to associate; empty = accept any (insecure, documented).
     allowed_calling_aets: list[str] = []
+    #: Optional binding of allowed calling AE titles to source hosts: {"ORTHANC" = ["10.0.0.5"]}.
+    #: Host names are resolved at start-up. An AE title listed here is accepted only from these.
+    calling_aet_hosts: dict[str, list[str]] = {}
     #: Storage SOP classes accepted as input for processing.
     sop_classes: list[str] = [DERMOSCOPIC, VL_PHOTOGRAPHIC]
-    max_associations: int = Field(default=10, ge=1, le=1000)
-    max_pdu: int = Field(default=262144, ge=4096)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -78,6 +79,12 @@ class DestinationTable(_Table):
     port: int = Field(default=4242, ge=1, le=65535)
     #: Seconds to wait for association, DIMSE responses and network reads.
     timeout: float = Field(default=30.0, gt=0)
+    #: Send over DICOM TLS (BCP 195): verify the destination's certificate against tls_ca.
+    tls: bool = False
+    tls_ca: str = ""
+    #: Client certificate and key, for destinations that require mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -109,10 +116,45 @@ class ModelTable(_Table):
 class ProcessingTable(_Table):
     #: Worker threads running the pipeline (in-process executor).
     workers: int = Field(default=1, ge=1, le=64)
-    #: Largest image accepted, in pixels (Rows x Columns), checked before decoding.
-    max_pixels: int = Field(default=60_000_000, ge=1)
     #: Re-send the stored outputs when an already processed image arrives again.
     resend_duplicates: bool = False
+
+
+class LimitsTable(_Table):
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    #: Maximum PDU size we receive (bytes).
+    max_pdu: int = Field(default=262144, ge=4096, le=2**31)
+    #: Largest dataset accepted (MiB); larger C-STOREs are refused with 0xC000.
+    max_dataset_mb: int = Field(default=512, ge=1)
+    #: Largest image accepted, in pixels (Rows x Columns), checked from the header before decoding.
+    max_pixels: int = Field(default=60_000_000, ge=1)
+    #: Seconds: association negotiation, waiting for a DIMSE message, idle network.
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+
+
+class TlsTable(_Table):
+    #: Listen with DICOM TLS (BCP 195, TLS 1.2 minimum) instead of plain TCP.
+    enabled: bool = False
+    #: Server certificate chain and private key (PEM).
+    cert: str = ""
+    key: str = ""
+    #: CA bundle (PEM) that client certificates must chain to.
+    ca: str = ""
+    #: Mutual TLS: refuse clients without a certificate signed by ``ca``.
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files(self):
+        if self.enabled:
+            for name in ("cert", "key") + (("ca",) if self.require_client_cert else ()):
+                value = getattr(self, name)
+                if not value:
+                    raise ValueError(f"tls.{name} is required when tls.enabled is true")
+                if not Path(value).is_file():
+                    raise ValueError(f"tls.{name}: file not found: {value}")
+        return self
 
 
 class RetryTable(_Table):
@@ -134,6 +176,8 @@ class HttpTable(_Table):
 class LoggingTable(_Table):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    #: Also write the audit log (one line per association) to this file; "" = only the main log.
+    audit_file: str = ""
 
 
 class Settings(BaseSettings):
@@ -149,6 +193,8 @@ class Settings(BaseSettings):
     storage: StorageTable = StorageTable()
     model: ModelTable = ModelTable()
     processing: ProcessingTable = ProcessingTable()
+    limits: LimitsTable = LimitsTable()
+    tls: TlsTable = TlsTable()
     retry: RetryTable = RetryTable()
     http: HttpTable = HttpTable()
     logging: LoggingTable = LoggingTable()

@@ -18,7 +18,8 @@ from node.intake.intake import Intake
 from node.intake.journal import Journal
 from node.intake.spool import Spool
 from node.model.classifier import Classifier
-from node.network.scp import build_ae, make_handlers
+from node.network.scp import AccessPolicy, build_ae, make_handlers
+from node.network.tls import server_context
 from node.network.scu import Sender
 from node.ops.health import CachedCheck, HealthServer, check_writable
 from node.ops.metrics import Metrics
@@ -46,7 +47,7 @@ class Node:
         recovered = self.journal.recover(s.retry.max_attempts)
         if recovered:
             log.warning("recovered %d job(s) interrupted by a previous stop", recovered)
-        options = ProcessOptions(max_pixels=s.processing.max_pixels)
+        options = ProcessOptions(max_pixels=s.limits.max_pixels)
         self.metrics = Metrics(self.journal)
         self.outbox = Outbox(
             journal=self.journal,
@@ -57,6 +58,10 @@ class Node:
                 port=s.destination.port,
                 calling_ae_title=s.node.ae_title,
                 timeout=s.destination.timeout,
+                tls=s.destination.tls,
+                tls_ca=s.destination.tls_ca,
+                tls_cert=s.destination.tls_cert,
+                tls_key=s.destination.tls_key,
             ),
             sop_classes=[*s.node.sop_classes, *OUTPUT_ONLY_CLASSES],
             initial_delay=s.retry.initial_delay,
@@ -86,7 +91,7 @@ class Node:
             accepted_classes=s.node.sop_classes,
             min_free_bytes=s.storage.min_free_mb * 2**20,
             max_queue=s.storage.max_queue,
-            header_check=lambda ds: check_header(ds, s.processing.max_pixels),
+            header_check=lambda ds: check_header(ds, s.limits.max_pixels),
             resend_duplicates=s.processing.resend_duplicates,
             on_job=self.executor.submit,
             observe=self.metrics.intake,
@@ -94,9 +99,15 @@ class Node:
         self.ae = build_ae(
             ae_title=s.node.ae_title,
             input_classes=s.node.sop_classes,
-            max_associations=s.node.max_associations,
-            max_pdu=s.node.max_pdu,
-            allowed_calling_aets=s.node.allowed_calling_aets,
+            max_associations=s.limits.max_associations,
+            max_pdu=s.limits.max_pdu,
+            acse_timeout=s.limits.acse_timeout,
+            dimse_timeout=s.limits.dimse_timeout,
+            network_timeout=s.limits.network_timeout,
+        )
+        self.policy = AccessPolicy(s.node.allowed_calling_aets, s.node.calling_aet_hosts)
+        self.ssl_context = (
+            server_context(s.tls.cert, s.tls.key, s.tls.ca, s.tls.require_client_cert) if s.tls.enabled else None
         )
         self._server = None
         self._http: HealthServer | None = None
@@ -109,7 +120,14 @@ class Node:
         self._server = self.ae.start_server(
             (s.node.bind, s.node.port),
             block=False,
-            evt_handlers=make_handlers(self.intake, on_association=self.metrics.association),
+            evt_handlers=make_handlers(
+                self.intake,
+                on_association=self.metrics.association,
+                policy=self.policy,
+                max_dataset_bytes=s.limits.max_dataset_mb * 2**20,
+                tls=self.ssl_context is not None,
+            ),
+            ssl_context=self.ssl_context,
         )
         if s.http.port:
             self._http = HealthServer(
@@ -120,8 +138,8 @@ class Node:
             log.info("HTTP /healthz /readyz /metrics on %s:%d", s.http.bind, self._http.port)
         card = self.classifier.card
         log.info(
-            "dermnode %s listening on %s:%d; model %s %s (%s) on %s; destination %s@%s:%d",
-            s.node.ae_title, s.node.bind, s.node.port, card.model.name, card.model.version, card.label,
+            "dermnode %s listening on %s:%d%s; model %s %s (%s) on %s; destination %s@%s:%d",
+            s.node.ae_title, s.node.bind, s.node.port, " (DICOM TLS)" if self.ssl_context else "", card.model.name, card.model.version, card.label,
             self.classifier.device, s.destination.ae_title, s.destination.host, s.destination.port,
         )
         if not s.node.allowed_calling_aets:

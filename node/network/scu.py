@@ -8,6 +8,7 @@ status of every C-STORE response, and classifies every failure as transient
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,10 @@ class Destination:
     port: int
     calling_ae_title: str
     timeout: float = 30.0
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 class Sender:
@@ -69,6 +74,11 @@ class Sender:
         self._ae.add_requested_context(VERIFICATION)
         self._assoc = None
         self.associations_opened = 0
+        self._tls_args = None
+        if dest.tls:
+            from node.network.tls import client_context
+
+            self._tls_args = (client_context(dest.tls_ca, dest.tls_cert, dest.tls_key), dest.host)
 
     def _associate(self):
         if self._assoc is not None and self._assoc.is_established:
@@ -86,8 +96,9 @@ class Sender:
                 self.dest.port,
                 ae_title=self.dest.ae_title,
                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+                tls_args=self._tls_args,
             )
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             raise SendError(f"cannot connect to {self.dest.host}:{self.dest.port}: {exc}", transient=True) from exc
         if assoc.is_established:
             self._assoc = assoc
@@ -149,7 +160,7 @@ class Sender:
         )
 
     def echo(self) -> int:
-        assoc = self._ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        assoc = self._ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=self._tls_args)
         try:
             if not assoc.is_established:
                 raise SendError("association failed", transient=True)

@@ -39,7 +39,7 @@ class _Text(logging.Formatter):
         return s + (f" [job={job}]" if job and f"job {job}" not in s else "")
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text", stream=None, audit_file: str = "") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -47,5 +47,13 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
     h.setFormatter(_Json() if fmt == "json" else _Text())
     root.addHandler(h)
     root.setLevel(level)
+    audit = logging.getLogger("dermnode.audit")
+    for old in list(audit.handlers):
+        audit.removeHandler(old)
+    audit.setLevel(logging.INFO)  # audit lines are kept whatever the main level
+    if audit_file:
+        fh = logging.FileHandler(audit_file, encoding="utf-8")
+        fh.setFormatter(_Json() if fmt == "json" else _Text())
+        audit.addHandler(fh)
     # pynetdicom logs dataset summaries (which can hold patient names) at INFO/DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
