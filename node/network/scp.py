@@ -103,6 +103,7 @@ def make_handlers(
         if reason:
             assoc.requestor.ae_title = calling
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()  # as pynetdicom does for its own rejections: waits until the RJ is sent
             _audit(assoc, "rejected", reason)
             on_association("rejected")
 
