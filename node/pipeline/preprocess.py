@@ -17,8 +17,9 @@ Framing (``InputSpec.framing``):
 
 Resampling: the region is first reduced by an integer box filter (Pillow ``reduce``) to
 no less than twice the output size, then resampled with Lanczos (antialiased); the crop
-is expressed as a fractional box of that reduced image, so geometry is exact. A
-3872 x 2592 frame takes ~20-40 ms.
+is expressed as a fractional box of that reduced image, so geometry is exact. Padding
+is applied on the reduced image (the replicated edge is the reduced edge row). From a
+3872 x 2592 frame: ~11 ms (lesion crop) to ~23 ms (whole-frame resize) of CPU.
 """
 
 from __future__ import annotations
