@@ -18,6 +18,10 @@ from node.network.sopclasses import (
 )
 
 log = logging.getLogger("dermnode.scp")
+
+# Errors pydicom raises on malformed data when an element is first read.
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, UnicodeError,
+                 IndexError, OverflowError, __import__("struct").error)
 audit = logging.getLogger("dermnode.audit")
 
 
@@ -127,11 +131,16 @@ def make_handlers(
             return CANNOT_UNDERSTAND
         try:
             decision = intake.accept(raw, ds, event.context.abstract_syntax, calling)
-        except Exception as exc:  # never let a bug crash the association thread silently
+        except _PARSE_ERRORS as exc:  # pydicom parses lazily: a malformed element shows up here
+            log.warning("C-STORE from %s refused with 0xC000: cannot parse the dataset: %s: %s",
+                        calling, type(exc).__name__, exc)
+            intake.stats.bump("refused", CANNOT_UNDERSTAND)
+            _count(assoc, CANNOT_UNDERSTAND)
+            return CANNOT_UNDERSTAND
+        except Exception as exc:  # anything else is ours (journal, disk): never acknowledge
             log.exception("intake failed on a C-STORE from %s: %s", calling, exc)
-            decision_status = 0xA700
-            _count(assoc, decision_status)
-            return decision_status
+            _count(assoc, 0xA700)
+            return 0xA700
         _count(assoc, decision.status)
         return decision.status
 

@@ -12,11 +12,16 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
+from pydicom.uid import ExplicitVRLittleEndian
 
 from node.network.sopclasses import NAMES, SEND_TRANSFER_SYNTAXES, VERIFICATION
 
 log = logging.getLogger("dermnode.scu")
+
+# Send files as they are on disk (no decode and re-encode by pynetdicom). Our outputs are
+# written in Explicit VR Little Endian; see Sender.send_file for a peer that only takes Implicit.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: Warning statuses: the object was stored (possibly coerced); log and treat as success.
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
@@ -126,7 +131,8 @@ class Sender:
     def send_file(self, path: str | Path, sop_class: str) -> int:
         """Send one file; return the success/warning status or raise :class:`SendError`."""
         assoc = self._associate()
-        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
+        if not accepted:
             self.close()
             raise SendError(
                 f"{self.dest.ae_title} does not accept {NAMES.get(sop_class, sop_class)} ({sop_class})",
@@ -134,7 +140,12 @@ class Sender:
                 status=0x0122,
             )
         try:
-            rsp = assoc.send_c_store(Path(path))
+            if ExplicitVRLittleEndian in accepted:
+                rsp = assoc.send_c_store(Path(path))  # streamed from the file as encoded
+            else:  # the peer took only Implicit VR: let pynetdicom convert the dataset
+                import pydicom
+
+                rsp = assoc.send_c_store(pydicom.dcmread(path))
         except (OSError, RuntimeError, ValueError) as exc:
             self.close()
             raise SendError(f"C-STORE of {Path(path).name} failed: {exc}", transient=True) from exc

@@ -55,5 +55,12 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream=None, audit_fil
         fh = logging.FileHandler(audit_file, encoding="utf-8")
         fh.setFormatter(_Json() if fmt == "json" else _Text())
         audit.addHandler(fh)
-    # pynetdicom logs dataset summaries (which can hold patient names) at INFO/DEBUG.
+    # pynetdicom logs dataset summaries (which can hold patient names) at INFO/DEBUG;
+    # highdicom narrates every module it copies at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # pydicom warns about invalid element values by quoting them, a patient name included:
+    # do not validate on reading (the node checks what it needs and never trusts the rest).
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -94,7 +94,7 @@ def test_patient_names_not_logged_at_info(loop):
     _, _, node, _ = loop
     text = node.log_text()
     assert "job" in text  # the log is there and has job lines
-    assert "Testpatient" not in text and "Fixture0" not in text
+    assert "Testpatient" not in text and "Fixture" not in text and "PID0001" not in text
 
 
 def test_own_outputs_routed_back_are_ignored(loop):
