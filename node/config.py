@@ -167,6 +167,20 @@ class RetryTable(_Table):
     max_attempts: int = Field(default=3, ge=1)
 
 
+class ExecutorTable(_Table):
+    #: "local": worker threads in this process (embedded default, no other services).
+    #: "celery": jobs go to Celery workers (``dermnode worker``) through a broker.
+    kind: Literal["local", "celery"] = "local"
+    #: Celery broker and result backend, e.g. "redis://127.0.0.1:6379/0" (or "amqp://..." for RabbitMQ).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    #: Queue a front end sends to, and a worker takes from: "cpu" or "gpu".
+    queue: Literal["cpu", "gpu"] = "cpu"
+    #: Directory shared by front ends and workers (NFS etc.): jobs carry a path, not the bytes.
+    #: "" = the task message carries the spooled dataset bytes.
+    shared_storage: str = ""
+
+
 class HttpTable(_Table):
     #: 0 disables the HTTP endpoint; otherwise serves /healthz /readyz /metrics.
     port: int = Field(default=0, ge=0, le=65535)
@@ -196,6 +210,7 @@ class Settings(BaseSettings):
     limits: LimitsTable = LimitsTable()
     tls: TlsTable = TlsTable()
     retry: RetryTable = RetryTable()
+    executor: ExecutorTable = ExecutorTable()
     http: HttpTable = HttpTable()
     logging: LoggingTable = LoggingTable()
 

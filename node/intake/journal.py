@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     model TEXT NOT NULL DEFAULT '',
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    task_id TEXT NOT NULL DEFAULT '',   -- distributed executor: the task processing this job
+    worker TEXT NOT NULL DEFAULT ''     -- distributed executor: the worker that finished it
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_sop ON jobs(sop_instance_uid, model);
@@ -82,6 +84,8 @@ class Job:
     updated_at: float
     model: str
     last_error: str
+    task_id: str = ""
+    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,10 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for col in ("task_id", "worker"):  # journals made before these columns existed
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -277,6 +285,65 @@ class Journal:
     def mark_dead(self, job_id: str, reason: str) -> None:
         with self._tx():
             self._set(job_id, "dead", reason)
+
+    # -- distributed executor ------------------------------------------
+    def set_task(self, job_id: str, task_id: str) -> None:
+        """Record that a claimed (``processing``) job was handed to a remote task."""
+        with self._tx():
+            self._db.execute("UPDATE jobs SET task_id=?, updated_at=? WHERE id=?", (task_id, time.time(), job_id))
+            self._event(job_id, "dispatched", f"task {task_id}")
+
+    def in_flight_tasks(self) -> list[Job]:
+        """Jobs handed to remote tasks whose outcome is not known yet (survives restarts)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state='processing' AND task_id != '' ORDER BY received_at"
+            ).fetchall()
+        return [Job(**r) for r in rows]
+
+    def record_remote_result(
+        self,
+        job_id: str,
+        *,
+        worker: str,
+        outputs: list[tuple[str, str, str, str, int | None]],
+        state: str,
+        error: str = "",
+    ) -> None:
+        """A remote worker's outcome: outputs (kind, class, instance UID, path, status or None if
+        not sent) and the final state ('done', 'dead', or 'received' to run again)."""
+        if state not in ("done", "dead", "received"):
+            raise ValueError(f"unexpected remote state {state!r}")
+        now = time.time()
+        with self._tx():
+            for kind, cls_uid, inst_uid, path, status in outputs:
+                self._db.execute(
+                    "INSERT INTO outputs(job_id, kind, sop_class_uid, sop_instance_uid, path, state, status, sent_at)"
+                    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(job_id, kind) DO UPDATE SET state=excluded.state,"
+                    " status=excluded.status, sent_at=excluded.sent_at, sop_instance_uid=excluded.sop_instance_uid",
+                    (job_id, kind, cls_uid, inst_uid, path, "sent" if status is not None else "encoded", status,
+                     now if status is not None else None),
+                )
+                if status is not None:
+                    self._event(job_id, "sent", f"{kind} status 0x{status:04X} (by {worker})")
+            self._db.execute(
+                "UPDATE jobs SET worker=?, task_id=CASE WHEN ?='received' THEN '' ELSE task_id END WHERE id=?",
+                (worker, state, job_id),
+            )
+            self._set(job_id, state, error)
+
+    def recover_local_only(self, max_attempts: int) -> int:
+        """Like :meth:`recover`, but leaves jobs that were dispatched to remote tasks alone."""
+        with self._tx():
+            rows = self._db.execute(
+                "SELECT id, attempts FROM jobs WHERE state='processing' AND task_id=''"
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    self._set(r["id"], "dead", f"poison job: {r['attempts']} processing attempts did not finish")
+                else:
+                    self._set(r["id"], "received", "recovered after restart")
+        return len(rows)
 
     # -- operators -------------------------------------------------------
     def requeue(self, job_id: str) -> bool:
