@@ -130,7 +130,8 @@ def test_metrics_and_health_after_a_real_run(tmp_path):
     require_shared()
     sink = Sink(tmp_path / "sink", free_port()).start()
     http_port = free_port()
-    node = NodeProcess(tmp_path / "node", sink.port, extra_env={"DERMNODE_HTTP__PORT": http_port}).start()
+    node = NodeProcess(tmp_path / "node", sink.port,
+                       extra_env={"DERMNODE_HTTP__PORT": http_port, "DERMNODE_LOGGING__FORMAT": "json"}).start()
     try:
         inputs = write_fixture_dicoms(tmp_path / "in", small_fixtures(2))
         storescu(node.port, inputs)
@@ -170,3 +171,12 @@ def test_metrics_and_health_after_a_real_run(tmp_path):
     finally:
         node.stop()
         sink.stop()
+    # JSON logs: every line is an object; one job id through every line of a job
+    records = [json.loads(line) for line in node.log_text().splitlines() if line.strip()]
+    by_job = {}
+    for r in records:
+        if "job_id" in r:
+            by_job.setdefault(r["job_id"], []).append(r["msg"])
+    assert len(by_job) == 2
+    for msgs in by_job.values():
+        assert any("received" in m for m in msgs) and any("encoded" in m for m in msgs) and any("done" in m for m in msgs)
