@@ -110,7 +110,7 @@ def load_package(path: str | Path, device: str | torch.device = "auto") -> tuple
     card = read_card(root)
     where = f"model card {root / 'card.toml'}: "
     try:
-        model = build(card.architecture.name, len(card.classes))
+        model = build(card.architecture.name, len(card.classes), card.input.metadata)
     except CardError as exc:
         raise CardError(f"{where}{exc}") from exc
     find_cam_layer(model, card.architecture.cam_layer, where)
