@@ -196,9 +196,11 @@ class Journal:
         """Take the oldest due ``received`` job and move it to ``processing``."""
         now = time.time() if now is None else now
         with self._tx():
+            # Jobs that were already tried (interrupted by a crash, or failed) go after fresh
+            # ones: a suspect poison job never holds up the queue.
             row = self._db.execute(
                 "SELECT id FROM jobs WHERE state='received' AND next_attempt_at <= ?"
-                " ORDER BY received_at LIMIT 1",
+                " ORDER BY attempts, received_at LIMIT 1",
                 (now,),
             ).fetchone()
             if row is None:

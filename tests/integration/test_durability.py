@@ -91,6 +91,8 @@ def _wait_done(node: NodeProcess, n: int, timeout: float) -> list[dict]:
         jobs = json.loads(res.stdout) if res.returncode == 0 else []
         if sum(j["state"] == "done" for j in jobs) >= n:
             return jobs
+        dead = [j for j in jobs if j["state"] == "dead"]
+        assert not dead, f"dead-lettered: {dead}"
         time.sleep(1)
     raise AssertionError(f"only {sum(j['state'] == 'done' for j in jobs)} of {n} jobs done: "
                          f"{ {j['state'] for j in jobs} }\n{node.log_text()[-3000:]}")
