@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Callable
 
+from node.network import tcp  # noqa: F401  (TCP_NODELAY on pynetdicom sockets)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 

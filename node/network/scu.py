@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.network import tcp  # noqa: F401  (TCP_NODELAY on pynetdicom sockets)
 from pynetdicom import AE, _config, evt
 from pydicom.uid import ExplicitVRLittleEndian
 
