@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as _dt
 from typing import NamedTuple
 
+import copy
+
 from pydicom.dataset import Dataset
 
 from node.evidence.identity import NodeIdentity
@@ -23,6 +25,30 @@ from node.evidence.pmap import build_pmap
 from node.evidence.seg import build_seg
 from node.evidence.sr import build_sr
 from node.pipeline.result import Evidence
+
+
+#: Type 2 Patient / General Study attributes: present (possibly empty) in every output, so an
+#: input that omits them (a sloppy device) still gives valid objects.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def normalise_source(source: Dataset) -> Dataset:
+    """A shallow copy of ``source`` that the builders can rely on: absent type 2 patient and
+    study attributes added empty, and an ISO 2022 SpecificCharacterSet whose first value is
+    empty (the default repertoire) spelled "ISO 2022 IR 6". The source itself is not changed."""
+    fixes = [k for k in _TYPE2 if k not in source]
+    charset = source.get("SpecificCharacterSet")
+    values = list(charset) if isinstance(charset, (list, tuple)) or (charset is not None and not isinstance(charset, str)) else None
+    fix_charset = bool(values) and len(values) > 1 and not str(values[0]).strip()
+    if not fixes and not fix_charset:
+        return source
+    out = copy.copy(source)  # shallow: elements are shared, the element dict is not
+    for k in fixes:
+        setattr(out, k, "")
+    if fix_charset:
+        out.SpecificCharacterSet = ["ISO 2022 IR 6", *[str(v) for v in values[1:]]]
+    return out
 
 
 class DerivedObjects(NamedTuple):
@@ -49,6 +75,7 @@ def build_evidence(
         raise TypeError(f"identity must be a NodeIdentity, not {type(identity).__name__}")
     if not isinstance(created, _dt.datetime):
         raise TypeError(f"created must be a datetime, not {type(created).__name__}")
+    source = normalise_source(source)
     check_source(source)
     image = build_image(source, evidence, identity, created)
     seg = build_seg(source, image, evidence, identity, created)
