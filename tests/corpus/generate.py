@@ -229,7 +229,8 @@ def build() -> list[Case]:
     add("missing-sop-instance-uid", _raw_file(_base(next(n)), _explicit_body(ds)), "0xC000", "fail", "SOPInstanceUID missing")
     ds = _base(next(n))
     ds.SOPClassUID = VL  # file meta (and so the presentation context) still says DMS
-    add("sop-class-mismatch", _bytes(ds), "0xA900", "ok", "dataset SOP class differs from the context")
+    add("sop-class-mismatch", _raw_file(ds, _explicit_body(_native(ds, rgb))), "0xA900", "ok",
+        "dataset SOP class (VL) differs from the presentation context (DMS)")
     ds = _base(next(n))
     stream = (FIXTURES / "images" / "ISIC_0000552.jpg").read_bytes()  # what _base encapsulates
     ds = _set_jpeg(ds, stream[: len(stream) // 3], ds.Rows, ds.Columns)

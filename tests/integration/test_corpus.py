@@ -45,7 +45,8 @@ def _send(port: int, path: Path) -> str:
     ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
     assoc = ae.associate("127.0.0.1", port, ae_title="DERMNODE")
     if not assoc.is_established:
-        return "aborted"
+        # the node accepted the association but none of the proposed presentation contexts
+        return "no-context" if assoc.rejected_contexts and not assoc.accepted_contexts else "aborted"
     try:
         if not assoc.accepted_contexts:
             return "no-context"
