@@ -30,12 +30,9 @@ from torch import nn
 from node.model.card import ModelCard
 from node.model.package import find_cam_layer, load_package, resolve_device
 
-#: How the Grad-CAM values are scaled; usable verbatim as the Parametric Map's
-#: LUT explanation / real-world value mapping description.
-CAM_NORMALISATION = (
-    "ReLU Grad-CAM of the top class, bilinear to the model input grid, "
-    "divided by its maximum (0..1; all zeros when the maximum is 0)"
-)
+# How the Grad-CAM values are scaled: one sentence, kept with the pipeline's result types
+# (torch-free) so that the Parametric Map builder can quote it without importing torch.
+from node.pipeline.result import CAM_NORMALISATION  # noqa: E402,F401
 
 
 class Classifier:
@@ -75,7 +72,10 @@ class Classifier:
             )
         if batch.dtype != np.uint8:
             raise ValueError(f"batch must be uint8, got {batch.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        arr = np.ascontiguousarray(batch)
+        if not arr.flags.writeable:  # torch.from_numpy wants a writable buffer
+            arr = arr.copy()
+        x = torch.from_numpy(arr).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._mean) / self._std
 
