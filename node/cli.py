@@ -48,11 +48,17 @@ def serve(config: ConfigOpt = None) -> None:
     from node.ops.logs import setup_logging
 
     setup_logging(s.logging.level, s.logging.format, audit_file=s.logging.audit_file)
-    classifier = _load_classifier(s.model.resolved_path(), s.model.device)
+    # a Celery front end does not load the model (its workers do); it still checks the card
+    classifier = None if s.executor.kind == "celery" else _load_classifier(s.model.resolved_path(), s.model.device)
     from node.service import Node
+
+    from node.model.card import CardError
 
     try:
         node = Node(s, classifier)
+    except CardError as exc:
+        typer.echo(f"dermnode: cannot load model: {exc}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"dermnode: cannot start: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -177,6 +183,45 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    queue: Annotated[Optional[str], typer.Option(help="cpu|gpu (default: executor.queue).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Pool processes, each with its own model.")] = 1,
+    threads: Annotated[int, typer.Option(min=0, max=256, help="Torch threads per process (0: cores / concurrency).")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Celery node name (default dermnode-QUEUE-PID@host).")] = None,
+) -> None:
+    """Scale-out worker (executor.kind = celery): take jobs from the broker, process, send the 4 results."""
+    s = _settings(config)
+    queue = queue or s.executor.queue
+    if queue not in ("cpu", "gpu"):
+        typer.echo(f"dermnode: --queue must be cpu or gpu, got {queue!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        from node.executor.celery_worker import run_worker
+    except ImportError as exc:
+        typer.echo(f"dermnode worker needs Celery: pip install 'dermnode[celery]' ({exc})", err=True)
+        raise typer.Exit(2) from None
+    run_worker(s, queue=queue, concurrency=concurrency, threads=threads, name=name)
+
+
+@app.command()
+def bench(
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
+    size: Annotated[str, typer.Option(help="tiny (smoke, < 1 min) | small | full.")] = "small",
+    repeat: Annotated[Optional[int], typer.Option(min=1, help="Repeats (medians reported).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Benchmark on loopback: compute ceiling, model, ingest, end to end, memory (docs/performance.md)."""
+    from node.bench import SIZES, main
+
+    if size not in SIZES:
+        typer.echo(f"dermnode: --size must be one of {', '.join(SIZES)}", err=True)
+        raise typer.Exit(2)
+    _settings(config)  # a bad config stops here, with its message
+    raise typer.Exit(main(size=size, repeat=repeat, json_path=json_out, config=config))
+
+
 # -- model -----------------------------------------------------------------
 @model_app.command("info")
 def model_info(path: Annotated[Path, typer.Argument(help="Model package directory.")]) -> None:
@@ -271,7 +316,8 @@ def jobs_list(
         return
     typer.echo(f"{'JOB':16s}  {'STATE':10s}  {'RECEIVED':19s}  {'TRIES':5s}  SOP INSTANCE UID / LAST ERROR")
     for job in jobs:
-        typer.echo(f"{job.id:16s}  {job.state:10s}  {_ts(job.received_at)}  {job.attempts}/{job.send_attempts:<3d}  {job.sop_instance_uid}")
+        typer.echo(f"{job.id:16s}  {job.state:10s}  {_ts(job.received_at)}  {job.attempts}/{job.send_attempts:<3d}  {job.sop_instance_uid}"
+                   + (f"  @{job.worker}" if job.worker else ""))
         if job.last_error and job.state != "done":
             typer.echo(f"{'':16s}  {'':10s}  {'':19s}  {'':5s}  ! {job.last_error}")
     counts = j.counts()
@@ -292,6 +338,8 @@ def jobs_show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
     typer.echo(f"job {job.id}  state {job.state}  model {job.model}")
     typer.echo(f"  input  {job.sop_instance_uid}  (class {job.sop_class_uid}, from {job.calling_ae})")
     typer.echo(f"  study  {job.study_uid}")
+    if job.task_id or job.worker:
+        typer.echo(f"  task   {job.task_id or '-'}  worker {job.worker or '-'}")
     if job.last_error:
         typer.echo(f"  last error  {job.last_error}")
     if job.state == "encoded" and job.next_attempt_at > time.time():

@@ -118,6 +118,14 @@ class ProcessingTable(_Table):
     workers: int = Field(default=1, ge=1, le=64)
     #: Re-send the stored outputs when an already processed image arrives again.
     resend_duplicates: bool = False
+    #: Worker processes for decode/prepare and encode (0 = in the worker threads).
+    pool_workers: int = Field(default=0, ge=0, le=64)
+    #: Largest model batch across concurrent jobs (0 = auto: 16 on CUDA, 1 = no batching on CPU).
+    max_batch: int = Field(default=0, ge=0, le=256)
+    #: Milliseconds a batch waits for more images after its first one.
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    #: Torch CPU threads for the model (0 = auto: half the cores the other stages leave free, 1-4).
+    inference_threads: int = Field(default=0, ge=0, le=256)
 
 
 class LimitsTable(_Table):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from node.config import Settings
 from node.evidence.identity import NodeIdentity
-from node.executor.local import LocalExecutor
+from node.executor.remote import RemoteModel, make_executor, recover
 from node.intake.intake import Intake
 from node.intake.journal import Journal
 from node.intake.spool import Spool
@@ -27,7 +27,6 @@ from node.network.scu import Destination
 from node.network.sopclasses import OUTPUT_ONLY_CLASSES
 from node.outbox import Outbox
 from node.pipeline.decode import check_header
-from node.pipeline.process import ProcessOptions
 
 log = logging.getLogger("dermnode.serve")
 
@@ -39,15 +38,18 @@ def model_key(classifier: Classifier) -> str:
 class Node:
     def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
         self.settings = s = settings
-        self.classifier = classifier or Classifier.load(s.model.resolved_path(), device=s.model.device)
+        if classifier is None:
+            # A Celery front end reads only the card: the workers load the model.
+            classifier = (RemoteModel(s) if s.executor.kind == "celery"
+                          else Classifier.load(s.model.resolved_path(), device=s.model.device))
+        self.classifier = classifier
         self.identity = NodeIdentity()
         storage = Path(s.storage.dir)
         self.spool = Spool(storage)
         self.journal = Journal(storage / "journal.sqlite")
-        recovered = self.journal.recover(s.retry.max_attempts)
+        recovered = recover(s, self.journal)
         if recovered:
             log.warning("recovered %d job(s) interrupted by a previous stop", recovered)
-        options = ProcessOptions(max_pixels=s.limits.max_pixels)
         self.metrics = Metrics(self.journal)
         self.outbox = Outbox(
             journal=self.journal,
@@ -70,19 +72,19 @@ class Node:
             retention=s.storage.retention_hours * 3600,
             on_event=self.metrics.outbox_event,
         )
-        self.executor = LocalExecutor(
+        self.executor = make_executor(
+            s,
             journal=self.journal,
-            workers=s.processing.workers,
-            job_kwargs=dict(
-                spool=self.spool,
-                classifier=self.classifier,
-                identity=self.identity,
-                options=options,
-                max_attempts=s.retry.max_attempts,
-                observe_stages=self.metrics.stages,
-            ),
+            spool=self.spool,
+            classifier_loader=lambda: self.classifier,
+            identity=self.identity,
+            metrics=self.metrics,
             on_encoded=self.outbox.wake,
         )
+        if s.executor.kind == "celery":
+            from node.executor.celery_app import QueueDepthCollector
+
+            self.metrics.registry.register(QueueDepthCollector(s))
         self.intake = Intake(
             spool=self.spool,
             journal=self.journal,
@@ -115,6 +117,13 @@ class Node:
 
     def start(self) -> None:
         s = self.settings
+        if s.executor.kind == "local":
+            # Warm the model before taking work: the first real image is not slowed by lazy
+            # initialisation, and a crash-restart loop does not keep killing the same job.
+            import numpy as np
+
+            rows, cols = self.classifier.card.input.size
+            self.classifier.predict(np.zeros((1, rows, cols, 3), np.uint8))
         self.executor.start()
         self.outbox.start()
         self._server = self.ae.start_server(
@@ -179,8 +188,10 @@ class Node:
         except Exception as exc:  # noqa: BLE001
             reachable, detail = False, str(exc)
         card = self.classifier.card
+        extra = self.executor.readiness() if hasattr(self.executor, "readiness") else {}
         return {
-            "ok": reachable,
+            **extra,
+            "ok": reachable and extra.get("broker_reachable", True),
             "model": f"{card.model.name} {card.model.version}",
             "destination": f"{s.destination.ae_title}@{s.destination.host}:{s.destination.port}",
             "destination_reachable": reachable,

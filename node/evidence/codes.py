@@ -45,6 +45,9 @@ SERIES_NUMBER: dict[str, int] = {"image": 9001, "seg": 9002, "pmap": 9003, "sr":
 # --- codes -----------------------------------------------------------------------
 
 SPATIAL_RESAMPLING = Code("113085", "DCM", "Spatial resampling")  # CID 7203
+#: Derivation codes highdicom 0.28 writes for a SEG and a Parametric Map (CID 7203).
+SEGMENTATION_DERIVATION = Code("113076", "DCM", "Segmentation")
+PMAP_DERIVATION = Code("112187", "DCM", "Unspecified method of calculation")
 #: Purpose of reference of the Source Image Sequence item (CID 7202).
 SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 ACQUISITION_EQUIPMENT = codes.DCM.AcquisitionEquipment  # (109101, DCM)

@@ -10,11 +10,8 @@ geometry of the model-input grid (shared with the SEG).
 
 from __future__ import annotations
 
-import ast
 import copy
 import datetime as _dt
-import importlib.util
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -35,44 +32,11 @@ from node.evidence.image import (
     software_versions,
     stamp,
 )
-from node.pipeline.result import Evidence
+from node.evidence.header import code_item, finish_instance, sop_instance
+from node.evidence.multiframe import POSITION_DIMENSION, multiframe_image
+from node.pipeline.result import CAM_NORMALISATION, Evidence
 
 KIND = "pmap"
-
-_DEFAULT_NORMALISATION = (
-    "ReLU Grad-CAM of the top class, bilinear to the model input grid, "
-    "divided by its maximum (0..1)"
-)
-
-
-def _classifier_normalisation() -> str | None:
-    """``node.model.classifier.CAM_NORMALISATION``, read from its source without importing it.
-
-    Importing the classifier would import torch (seconds) into a builder that
-    needs only a sentence, and the text written into the map must not depend
-    on whether torch happens to be importable (byte-identical rebuilds).
-    """
-    try:
-        spec = importlib.util.find_spec("node.model.classifier")
-        if spec is None or not spec.origin:
-            return None
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-        for node in tree.body:
-            targets = []
-            if isinstance(node, ast.Assign):
-                targets, value = node.targets, node.value
-            elif isinstance(node, ast.AnnAssign) and node.value is not None:
-                targets, value = [node.target], node.value
-            if any(isinstance(t, ast.Name) and t.id == "CAM_NORMALISATION" for t in targets):
-                text = ast.literal_eval(value)
-                return text if isinstance(text, str) and text.strip() else None
-    except (OSError, SyntaxError, ValueError, ImportError):
-        return None
-    return None
-
-
-#: How the stored values were computed (documented in the map).
-CAM_NORMALISATION: str = _classifier_normalisation() or _DEFAULT_NORMALISATION
 
 #: Tolerance on the 0..1 range of the CAM (float rounding of a max-normalisation).
 _RANGE_TOLERANCE = 1e-5
@@ -100,14 +64,17 @@ def check_cam(evidence: Evidence) -> np.ndarray:
     return cam
 
 
-def build_pmap(
+def reference_build_pmap(
     source: Dataset,
     image: Dataset,
     evidence: Evidence,
     identity: NodeIdentity,
     created: _dt.datetime,
 ) -> Dataset:
-    """Parametric Map of ``evidence.cam`` on ``image`` (the resized image of ``source``)."""
+    """The Parametric Map built the straightforward way, with highdicom's ParametricMap class.
+
+    :func:`build_pmap` must produce the same bytes (tests/unit/test_evidence_fastpath.py).
+    """
     check_source(source)
     cam = check_cam(evidence)
     card = evidence.card
@@ -115,7 +82,7 @@ def build_pmap(
 
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM",
-        lut_explanation=fit(64, CAM_NORMALISATION, f"Grad-CAM of class {top.code}, 0..1"),
+        lut_explanation=_lut_explanation(top.code),
         unit=codes.NO_UNITS,
         value_range=(0.0, 1.0),
         slope=1.0,
@@ -142,11 +109,7 @@ def build_pmap(
             hd.VOILUTTransformation(window_center=0.5, window_width=1.0)
         ],
         content_label=content_label(top.code),
-        content_description=fit(
-            64,
-            f"Grad-CAM, top class {top.code} {top.display}",
-            f"Grad-CAM, top class {top.code}",
-        ),
+        content_description=_content_description(top),
         series_description=describe(f"AI Grad-CAM {top.code}", card),
         content_date=dicom_date(created),
         content_time=dicom_time(created),
@@ -173,7 +136,23 @@ def _finish(
         if "SpacingBetweenSlices" in measures:  # meaningless for one photograph
             del measures.SpacingBetweenSlices
 
-    # Frame Anatomy: the photographed site and its laterality, where the source says.
+    _add_frame_anatomy(shared, source)
+    text = _derivation_description(evidence, calibrated)
+    for frame in pm.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in frame.get("DerivationImageSequence", []):
+            derivation.DerivationDescription = text
+
+
+def _lut_explanation(code: str) -> str:
+    return fit(64, CAM_NORMALISATION, f"Grad-CAM of class {code}, 0..1")
+
+
+def _content_description(top) -> str:
+    return fit(64, f"Grad-CAM, top class {top.code} {top.display}", f"Grad-CAM, top class {top.code}")
+
+
+def _add_frame_anatomy(shared: Dataset, source: Dataset) -> None:
+    """Frame Anatomy: the photographed site and its laterality, where the source says."""
     laterality = image_laterality(source)
     if "AnatomicRegionSequence" in source and laterality is not None:
         anatomy = Dataset()
@@ -181,17 +160,110 @@ def _finish(
         anatomy.FrameLaterality = laterality
         shared.FrameAnatomySequence = [anatomy]
 
-    # The normalisation and the geometry in full (LUT Explanation is only 64 characters).
+
+def _derivation_description(evidence: Evidence, calibrated: bool) -> str:
+    """The normalisation and the geometry in full (LUT Explanation is only 64 characters)."""
     spacing_note = (
         "pixel spacing from the source calibration, rescaled"
         if calibrated
         else "nominal 1 mm pixel spacing (the source has no calibration)"
     )
-    text = (
+    return (
         f"{CAM_NORMALISATION}. Top class: {evidence.top_class.code} "
         f"({evidence.top_class.display}); model {evidence.card.model.name} "
         f"{evidence.card.model.version}. Grid: the resized image (model input), {spacing_note}."
     )[:1024]
-    for frame in pm.get("PerFrameFunctionalGroupsSequence", []):
-        for derivation in frame.get("DerivationImageSequence", []):
-            derivation.DerivationDescription = text
+
+
+# --- the fast path ---------------------------------------------------------------------
+# The same object set up directly (see node/evidence/header.py): one float32 frame on
+# the nominal plane geometry of the model-input grid.
+
+
+def _real_world_value_mapping(code: str) -> Dataset:
+    item = Dataset()
+    item.LUTExplanation = _lut_explanation(code)
+    item.MeasurementUnitsCodeSequence = [code_item(codes.NO_UNITS)]
+    item.LUTLabel = "GRADCAM"
+    item.DoubleFloatRealWorldValueLastValueMapped = 1.0
+    item.DoubleFloatRealWorldValueFirstValueMapped = 0.0
+    quantity = Dataset()
+    quantity.ValueType = "CODE"
+    quantity.ConceptNameCodeSequence = [code_item(codes.QUANTITY)]
+    quantity.ConceptCodeSequence = [code_item(codes.GRAD_CAM)]
+    item.QuantityDefinitionSequence = [quantity]
+    item.RealWorldValueIntercept = 0.0
+    item.RealWorldValueSlope = 1.0
+    return item
+
+
+def build_pmap(
+    source: Dataset,
+    image: Dataset,
+    evidence: Evidence,
+    identity: NodeIdentity,
+    created: _dt.datetime,
+) -> Dataset:
+    """Parametric Map of ``evidence.cam`` on ``image`` (the resized image of ``source``).
+
+    The same bytes as :func:`reference_build_pmap`, without highdicom's general-case
+    checks and copies (~10 times faster).
+    """
+    check_source(source)
+    cam = check_cam(evidence)
+    card = evidence.card
+    top = evidence.top_class
+    geometry = plane_geometry(source, evidence)
+    recognizable = str(image.get("RecognizableVisualFeatures", "NO")) == "YES"
+    pm = sop_instance(
+        image,
+        sop_class_uid=codes.PARAMETRIC_MAP,
+        sop_instance_uid=uids.instance_uid(source, card, KIND),
+        series_instance_uid=uids.series_uid(source, card, KIND),
+        series_number=codes.SERIES_NUMBER[KIND],
+        modality="OT",
+        series_description=describe(f"AI Grad-CAM {top.code}", card),
+        identity=identity,
+        card=card,
+        created=created,
+    )
+    pm.ContentQualification = "RESEARCH"
+    pm.ContentLabel = content_label(top.code)
+    pm.ContentDescription = _content_description(top)
+    pm.AcquisitionContextSequence = []
+    pm.PixelPresentation = "MONOCHROME"
+    image_type = ["DERIVED", "PRIMARY", "VOLUME", "QUANTITY"]
+    multiframe_image(
+        pm,
+        image,
+        geometry,
+        bits_allocated=32,
+        image_type=image_type,
+        derivation=codes.PMAP_DERIVATION,
+        dimension_organization_uid=uids.dimension_organization_uid(source, card, KIND),
+        dimensions=list(POSITION_DIMENSION),
+        dimension_index_values=1,
+        float_pixels=True,
+        burned_in_annotation=False,
+        recognizable_visual_features=recognizable,
+    )
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    voi = Dataset()
+    voi.WindowCenter = "0.5"
+    voi.WindowWidth = "1.0"
+    shared.FrameVOILUTSequence = [voi]
+    transformation = Dataset()
+    transformation.RescaleIntercept = "0.0"
+    transformation.RescaleSlope = "1.0"
+    transformation.RescaleType = "US"
+    shared.PixelValueTransformationSequence = [transformation]
+    frame_type = Dataset()
+    frame_type.FrameType = list(image_type)
+    shared.ParametricMapFrameTypeSequence = [frame_type]
+    shared.RealWorldValueMappingSequence = [_real_world_value_mapping(top.code)]
+    _add_frame_anatomy(shared, source)
+    text = _derivation_description(evidence, geometry.calibrated)
+    pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].DerivationDescription = text
+    pm.FloatPixelData = np.ascontiguousarray(cam, dtype="<f4").tobytes()
+    finish_instance(pm, image, source, created)
+    return pm

@@ -31,6 +31,8 @@ from node.evidence.image import (
     software_versions,
     stamp,
 )
+from node.evidence.header import code_item, finish_instance, sop_instance
+from node.evidence.multiframe import POSITION_DIMENSION, SEGMENT_DIMENSION, multiframe_image, pack_binary
 from node.pipeline.result import Evidence
 
 KIND = "seg"
@@ -67,14 +69,17 @@ def lesion_mask(evidence: Evidence) -> np.ndarray:
     return mask
 
 
-def build_seg(
+def reference_build_seg(
     source: Dataset,
     image: Dataset,
     evidence: Evidence,
     identity: NodeIdentity,
     created: _dt.datetime,
 ) -> Dataset:
-    """BINARY SEG of the lesion on ``image`` (the resized image built from ``source``)."""
+    """The SEG built the straightforward way, with highdicom's Segmentation class.
+
+    :func:`build_seg` must produce the same bytes (tests/unit/test_evidence_fastpath.py).
+    """
     check_source(source)
     card = evidence.card
     mask = lesion_mask(evidence)
@@ -99,10 +104,7 @@ def build_seg(
         anatomic_regions=anatomic_regions(source) or None,
     )
 
-    if seg_state.ok:
-        content = f"Lesion mask, {card.model.name} {card.model.version}"
-    else:
-        content = f"EMPTY: segmentation failed ({seg_state.failure or 'unknown reason'})"
+    content = _content_description(evidence)
 
     geometry = plane_geometry(source, evidence)
     seg = hd.seg.Segmentation(
@@ -119,7 +121,7 @@ def build_seg(
         software_versions=software_versions(identity, card),
         device_serial_number=identity.device_serial_number,
         content_label="LESION",
-        content_description=fit(64, content),
+        content_description=content,
         omit_empty_frames=False,  # an empty (failed) mask still gives one valid frame
         series_description=describe("AI lesion segmentation", card),
         content_date=dicom_date(created),
@@ -128,6 +130,15 @@ def build_seg(
     )
     _make_deterministic(seg, source, evidence, created)
     return seg
+
+
+def _content_description(evidence: Evidence) -> str:
+    card, seg_state = evidence.card, evidence.segmentation
+    if seg_state.ok:
+        content = f"Lesion mask, {card.model.name} {card.model.version}"
+    else:
+        content = f"EMPTY: segmentation failed ({seg_state.failure or 'unknown reason'})"
+    return fit(64, content)
 
 
 def _make_deterministic(
@@ -146,3 +157,91 @@ def _make_deterministic(
         for measures in shared.get("PixelMeasuresSequence", []):
             if "SpacingBetweenSlices" in measures:  # meaningless for one photograph
                 del measures.SpacingBetweenSlices
+
+
+# --- the fast path ---------------------------------------------------------------------
+# The same object set up directly (see node/evidence/header.py): one frame, one segment,
+# the nominal plane geometry of the model-input grid.
+
+
+def _code_sequence(code) -> list[Dataset]:
+    return [code_item(code)]
+
+
+def _segment_description(source: Dataset, evidence: Evidence) -> Dataset:
+    card = evidence.card
+    tracking_id, tracking_uid = uids.tracking(source)
+    item = Dataset()
+    item.SegmentNumber = SEGMENT_NUMBER
+    item.SegmentLabel = SEGMENT_LABEL
+    item.SegmentedPropertyCategoryCodeSequence = _code_sequence(codes.LESION_CATEGORY)
+    item.SegmentedPropertyTypeCodeSequence = _code_sequence(codes.LESION_TYPE)
+    item.SegmentAlgorithmType = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC.value
+    item.SegmentAlgorithmName = card.model.name
+    algorithm = Dataset()
+    algorithm.AlgorithmName = card.model.name
+    algorithm.AlgorithmVersion = card.model.version
+    algorithm.AlgorithmFamilyCodeSequence = _code_sequence(dcm_codes.cid7162.ArtificialIntelligence)
+    method = fit(64, evidence.segmentation.method or "unspecified")
+    algorithm.AlgorithmParameters = f"segmentation method={method}"
+    item.SegmentationAlgorithmIdentificationSequence = [algorithm]
+    item.TrackingID = tracking_id
+    item.TrackingUID = tracking_uid
+    regions = anatomic_regions(source)
+    if regions:
+        item.AnatomicRegionSequence = regions
+    return item
+
+
+def build_seg(
+    source: Dataset,
+    image: Dataset,
+    evidence: Evidence,
+    identity: NodeIdentity,
+    created: _dt.datetime,
+) -> Dataset:
+    """BINARY SEG of the lesion on ``image`` (the resized image built from ``source``).
+
+    The same bytes as :func:`reference_build_seg`, without highdicom's general-case
+    checks and copies (~10 times faster).
+    """
+    check_source(source)
+    card = evidence.card
+    mask = lesion_mask(evidence)
+    geometry = plane_geometry(source, evidence)
+    ds = sop_instance(
+        image,
+        sop_class_uid=codes.SEGMENTATION,
+        sop_instance_uid=uids.instance_uid(source, card, KIND),
+        series_instance_uid=uids.series_uid(source, card, KIND),
+        series_number=codes.SERIES_NUMBER[KIND],
+        modality="SEG",
+        series_description=describe("AI lesion segmentation", card),
+        identity=identity,
+        card=card,
+        created=created,
+    )
+    ds.SegmentationType = "BINARY"
+    ds.ContentLabel = "LESION"
+    ds.ContentDescription = _content_description(evidence)
+    ds.SegmentSequence = [_segment_description(source, evidence)]
+    ds.SegmentsOverlap = "NO"
+    dim_uid = uids.dimension_organization_uid(source, card, KIND)
+    multiframe_image(
+        ds,
+        image,
+        geometry,
+        bits_allocated=1,
+        image_type=["DERIVED", "PRIMARY"],
+        derivation=codes.SEGMENTATION_DERIVATION,
+        dimension_organization_uid=dim_uid,
+        dimensions=[SEGMENT_DIMENSION, *POSITION_DIMENSION],
+        dimension_index_values=[SEGMENT_NUMBER, 1],
+    )
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    identification = Dataset()
+    identification.ReferencedSegmentNumber = SEGMENT_NUMBER
+    shared.SegmentIdentificationSequence = [identification]
+    ds.add_new(0x7FE00010, "OB", pack_binary(mask))  # Pixel Data: OB for 1-bit frames
+    finish_instance(ds, image, source, created)
+    return ds

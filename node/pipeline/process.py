@@ -1,23 +1,33 @@
 """``process``: the pure processing function, (dataset, model, options) -> Evidence.
 
 decode -> coarse lesion segmentation (to frame the crop) -> preprocess (crop +
-resize to the model input) -> classify + Grad-CAM (batched) -> segment the
-lesion on the model input. No network, no journal, no files: the same code
+resize to the model input) -> segment the lesion on the model input ->
+classify + Grad-CAM (batched). No network, no journal, no files: the same code
 runs in ``dermnode serve``, ``dermnode process``, the benchmark and a worker.
+
+Everything but the model call is in :func:`prepare`, which needs only the model
+card: it runs in the worker thread or in a process pool that never imports
+torch (:mod:`node.executor.pool`). :func:`classify` is the one model call, on a
+batch; :func:`assemble` joins its output with the prepared image.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset
 
-from node.model.classifier import Classifier
+from node.model.card import ModelCard
 from node.pipeline.decode import check_header, decode_rgb
 from node.pipeline.preprocess import coarse_view, frame
-from node.pipeline.result import Evidence
+from node.pipeline.result import Evidence, Segmentation
 from node.pipeline.segment import segment_lesion
+
+if TYPE_CHECKING:  # the classifier imports torch; this module must not
+    from node.model.classifier import Classifier
 
 
 @dataclass(frozen=True)
@@ -27,12 +37,14 @@ class ProcessOptions:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image decoded and framed, ready for the model."""
+    """One image decoded, framed and segmented, ready for the model."""
 
     model_input: np.ndarray
     crop: object
     source_shape: tuple[int, int]
     metadata: dict
+    #: The lesion segmentation on the model input (None: computed in :func:`assemble`).
+    segmentation: Segmentation | None = None
 
 
 def read_metadata(ds: Dataset) -> dict:
@@ -54,18 +66,38 @@ def read_metadata(ds: Dataset) -> dict:
     return out
 
 
-def prepare(ds: Dataset, classifier: Classifier, options: ProcessOptions) -> Prepared:
-    """Decode and frame one dataset (CPU work that can run in a pool)."""
+def _card(model: Classifier | ModelCard) -> ModelCard:
+    return model if isinstance(model, ModelCard) else model.card
+
+
+def prepare(
+    ds: Dataset,
+    classifier: Classifier | ModelCard,
+    options: ProcessOptions,
+    times: dict[str, float] | None = None,
+) -> Prepared:
+    """Decode, frame and segment one dataset (CPU work; needs only the model card).
+
+    ``times``, when given, receives the seconds spent in ``decode``, ``frame``
+    (coarse segmentation + crop + resize) and ``segment``.
+    """
+    t0 = time.perf_counter()
     check_header(ds, options.max_pixels)
     image = decode_rgb(ds)
-    spec = classifier.card.input
+    t1 = time.perf_counter()
+    spec = _card(classifier).input
     coarse_mask = None
     if spec.framing == "lesion-crop":
         small, scale = coarse_view(image)
         seg = segment_lesion(small)
         coarse_mask = _upscale_mask(seg.mask, image.shape[:2]) if seg.ok else None
     model_input, crop = frame(image, spec, coarse_mask)
-    return Prepared(model_input, crop, (int(image.shape[0]), int(image.shape[1])), read_metadata(ds))
+    t2 = time.perf_counter()
+    segmentation = segment_lesion(model_input)
+    t3 = time.perf_counter()
+    if times is not None:
+        times.update(decode=t1 - t0, frame=t2 - t1, segment=t3 - t2)
+    return Prepared(model_input, crop, (int(image.shape[0]), int(image.shape[1])), read_metadata(ds), segmentation)
 
 
 def _upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -74,25 +106,30 @@ def _upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def finish(prepared: list[Prepared], classifier: Classifier) -> list[Evidence]:
-    """Classify + Grad-CAM a batch of prepared images, then segment each model input."""
+def classify(prepared: list[Prepared], classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
+    """Classify + Grad-CAM a batch of prepared images in one model call: (probs, cams)."""
     batch = np.stack([p.model_input for p in prepared])
-    probs, cams = classifier.predict(batch, [p.metadata for p in prepared])
-    out = []
-    for i, p in enumerate(prepared):
-        out.append(
-            Evidence(
-                model_input=p.model_input,
-                crop=p.crop,
-                probabilities=np.asarray(probs[i], dtype=np.float64),
-                cam=np.asarray(cams[i], dtype=np.float32),
-                segmentation=segment_lesion(p.model_input),
-                card=classifier.card,
-                source_shape=p.source_shape,
-                metadata=p.metadata,
-            )
-        )
-    return out
+    return classifier.predict(batch, [p.metadata for p in prepared])
+
+
+def assemble(p: Prepared, probabilities: np.ndarray, cam: np.ndarray, card: ModelCard) -> Evidence:
+    """The Evidence of one prepared image from its row of the model output."""
+    return Evidence(
+        model_input=p.model_input,
+        crop=p.crop,
+        probabilities=np.asarray(probabilities, dtype=np.float64),
+        cam=np.asarray(cam, dtype=np.float32),
+        segmentation=p.segmentation if p.segmentation is not None else segment_lesion(p.model_input),
+        card=card,
+        source_shape=p.source_shape,
+        metadata=p.metadata,
+    )
+
+
+def finish(prepared: list[Prepared], classifier: Classifier) -> list[Evidence]:
+    """Classify + Grad-CAM a batch of prepared images and return their Evidence."""
+    probs, cams = classify(prepared, classifier)
+    return [assemble(p, probs[i], cams[i], classifier.card) for i, p in enumerate(prepared)]
 
 
 def process(ds: Dataset, classifier: Classifier, options: ProcessOptions = ProcessOptions()) -> Evidence:

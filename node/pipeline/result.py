@@ -12,6 +12,13 @@ import numpy as np
 
 from node.model.card import ModelCard
 
+#: How the Grad-CAM values are scaled (the classifier's normalisation); written into the
+#: Parametric Map's LUT Explanation (when it fits) and its Derivation Description.
+CAM_NORMALISATION = (
+    "ReLU Grad-CAM of the top class, bilinear to the model input grid, "
+    "divided by its maximum (0..1; all zeros when the maximum is 0)"
+)
+
 
 @dataclass(frozen=True)
 class Crop:
