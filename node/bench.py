@@ -146,7 +146,9 @@ def _dcmtk_env(nagle: bool) -> dict:
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
+    from node.ops.external import dcmtk
+
+    path = dcmtk(name)
     if not path:
         raise SystemExit(f"dermnode bench: {name} (DCMTK) is not installed")
     return path

@@ -34,7 +34,10 @@ def require_shared() -> None:
 def require_tool(name: str) -> str:
     import pytest
 
-    path = shutil.which(name) or (str(VENV_BIN / name) if (VENV_BIN / name).exists() else None)
+    from node.ops.external import dcmtk
+
+    # DCMTK first, skipping pynetdicom's same-named scripts; then the venv's (dicom3tools)
+    path = dcmtk(name) or (str(VENV_BIN / name) if (VENV_BIN / name).exists() else None)
     if not path:
         pytest.skip(f"{name} is not installed (tools/setup --test installs it)")
     return path

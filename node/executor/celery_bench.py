@@ -86,7 +86,9 @@ class _Sink:
         self.port = _free_port()
         self.proc = None
         self.server = None
-        exe = shutil.which("storescp")
+        from node.ops.external import dcmtk
+
+        exe = dcmtk("storescp")
         if exe:
             out = workdir / "sink"
             out.mkdir()

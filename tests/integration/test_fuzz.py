@@ -117,5 +117,7 @@ def test_after_fuzzing_no_job_is_stuck(target):
     assert all(j["last_error"] for j in jobs if j["state"] == "dead")
     assert node.proc.poll() is None
     # a good image still goes through after all that
-    res = subprocess.run(["echoscu", "-aec", "DERMNODE", "127.0.0.1", str(node.port)], capture_output=True, timeout=30)
+    from tests.peers import require_tool
+
+    res = subprocess.run([require_tool("echoscu"), "-aec", "DERMNODE", "127.0.0.1", str(node.port)], capture_output=True, timeout=30)
     assert res.returncode == 0
