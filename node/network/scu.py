@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,21 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 #: Warning statuses: the object was stored (possibly coerced); log and treat as success.
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
+
+
+def _let_reactor_resume(assoc, limit: float = 0.05) -> None:
+    """Wait (briefly) until pynetdicom's reactor thread has left its pause after a request.
+
+    pynetdicom 3.0 pauses the association's reactor around each request and, before the
+    next request, waits until ``_is_paused`` is true. Right after a request the flag is
+    still true from the previous pause until the reactor thread wakes, so a request sent
+    back-to-back can go out while the reactor is about to resume; the reactor then
+    swallows the response ("Received unexpected C-STORE service message") and the send
+    waits for the DIMSE timeout. Seen in bursts against fast peers.
+    """
+    deadline = time.monotonic() + limit
+    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 class SendError(Exception):
@@ -150,6 +166,7 @@ class Sender:
         except (OSError, RuntimeError, ValueError) as exc:
             self.close()
             raise SendError(f"C-STORE of {Path(path).name} failed: {exc}", transient=True) from exc
+        _let_reactor_resume(assoc)
         status = getattr(rsp, "Status", None)
         if status is None:  # timeout, abort or invalid response
             self.close()
