@@ -110,14 +110,19 @@ class Sink:
     dir: Path
     port: int
     aet: str = "SINK"
+    #: +uf: keep every arrival in its own file (a duplicate with other content would show).
+    unique: bool = False
+    #: --fork: one process per association, as a PACS takes several senders at once.
+    fork: bool = False
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
     def start(self) -> "Sink":
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir.parent / f"storescp-{self.port}.log"
+        flags = (["+uf"] if self.unique else []) + (["--fork"] if self.fork else [])
         self.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", self.aet, "-od", str(self.dir), "+xa", "-dhl", str(self.port)],
+            [require_tool("storescp"), "-aet", self.aet, "-od", str(self.dir), "+xa", *flags, "-dhl", str(self.port)],
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
         )
         wait_port(self.port, 20, self.proc)

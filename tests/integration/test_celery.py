@@ -128,21 +128,6 @@ class Worker:
         return self.proc.returncode if self.proc else None
 
 
-def _forking_unique_sink(directory: Path) -> Sink:
-    """storescp keeping every arrival (+uf) and taking one association per worker at once
-    (--fork), as a PACS does: without --fork, one worker's association blocks the others'."""
-    sink = Sink(directory, free_port())
-    directory.mkdir(parents=True, exist_ok=True)
-    sink.log = directory.parent / f"storescp-{sink.port}.log"
-    sink.proc = subprocess.Popen(
-        [require_tool("storescp"), "-aet", sink.aet, "-od", str(directory), "+xa", "+uf", "--fork", "-dhl",
-         str(sink.port)],
-        stdout=open(sink.log, "wb"), stderr=subprocess.STDOUT,
-    )
-    wait_port(sink.port, 20, sink.proc)
-    return sink
-
-
 def _jobs(node: NodeProcess) -> list[dict]:
     res = _dermnode(node, "jobs", "list", "--json")
     return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else []
@@ -158,7 +143,9 @@ def test_two_workers_one_killed_every_output_arrives_once_in_content(tmp_path):
     n_images = 100
     [base] = write_fixture_dicoms(tmp_path / "src", small_fixtures(1))
     paths = _variants(base, n_images, tmp_path / "imgs")
-    sink = _forking_unique_sink(tmp_path / "sink")
+    # every arrival kept (+uf); one association per worker at once (--fork), as a PACS does:
+    # without --fork, one worker's association blocks the others'
+    sink = Sink(tmp_path / "sink", free_port(), unique=True, fork=True).start()
     celery_env = {
         "DERMNODE_EXECUTOR__KIND": "celery",
         "DERMNODE_EXECUTOR__BROKER_URL": f"redis://127.0.0.1:{redis.port}/0?visibility_timeout={VISIBILITY_TIMEOUT}",

@@ -108,9 +108,7 @@ def inputs(tmp_path):
 def test_sigkill_mid_burst_loses_nothing(tmp_path, inputs):
     n_images, n_threads = 200, 4
     paths = _variants(inputs, n_images, tmp_path / "burst")
-    sink = Sink(tmp_path / "sink", free_port())
-    sink.start = _unique_sink_start(sink)  # storescp +uf: every arrival kept
-    sink.start()
+    sink = Sink(tmp_path / "sink", free_port(), unique=True).start()  # every arrival kept
     node = NodeProcess(tmp_path / "node", sink.port).start()
     acked: set[Path] = set()
     lock = threading.Lock()
@@ -159,22 +157,6 @@ def test_sigkill_mid_burst_loses_nothing(tmp_path, inputs):
         if ds.SOPClassUID == DMS:
             referenced.add(str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID))
     assert referenced == sources
-
-
-def _unique_sink_start(sink: Sink):
-    def start():
-        sink.dir.mkdir(parents=True, exist_ok=True)
-        sink.log = sink.dir.parent / f"storescp-{sink.port}.log"
-        sink.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", sink.aet, "-od", str(sink.dir), "+xa", "+uf", "-dhl", str(sink.port)],
-            stdout=open(sink.log, "wb"), stderr=subprocess.STDOUT,
-        )
-        from tests.peers import wait_port
-
-        wait_port(sink.port, 20, sink.proc)
-        return sink
-
-    return start
 
 
 def test_pacs_down_then_back_including_a_node_restart(tmp_path, inputs):
